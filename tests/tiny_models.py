@@ -15,7 +15,7 @@ SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<pad>"]
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (one token per byte, no merges) with ChatML special tokens: 259 tokens."""
-    byte_vocab = {token: index for index, token in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    byte_vocab = {token: index for index, token in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tokenizer = Tokenizer(models.BPE(vocab=byte_vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -258,6 +258,8 @@ def train_soups(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
     """
     from trl import DPOConfig, DPOTrainer
 
+    from .trainers.dpo import truncate_tokenized
+
     started = time.time()
     train, _ = load_pairs(settings)
     steps = max(1, settings.steps // len(settings.objectives))
@@ -279,26 +281,13 @@ def train_soups(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
         prompt_length, completion_length = arguments.pop("max_prompt_length"), arguments.pop("max_completion_length")
         args = DPOConfig(bf16=False, gradient_checkpointing=False, **arguments)
         trainer = DPOTrainer(model, args=args, train_dataset=train[name], processing_class=tokenizer, peft_config=lora)
-        _truncate_prepared(trainer, prompt_length, completion_length)
+        trainer.train_dataset = truncate_tokenized(trainer.train_dataset, prompt_length, completion_length)
         trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoints) or None)
         trainer.model.save_pretrained(folder)
         logs[name] = trainer.state.log_history
     seconds = time.time() - started
     save_run(run_dir, "rewarded_soups", settings, train_seconds=seconds, log_history=logs)
     return {"train_seconds": seconds}
-
-
-def _truncate_prepared(trainer: Any, prompt_length: int | None, completion_length: int | None) -> None:
-    """Cuts TRL's tokenized training rows as `MultiObjectiveDPOTrainer` does, for equal terms."""
-
-    def truncate(row: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "prompt_ids": row["prompt_ids"][-prompt_length:] if prompt_length else row["prompt_ids"],
-            "chosen_ids": row["chosen_ids"][:completion_length],
-            "rejected_ids": row["rejected_ids"][:completion_length],
-        }
-
-    trainer.train_dataset = trainer.train_dataset.map(truncate, desc="Truncating prompts and responses")
 
 
 # --- loading trained runs -----------------------------------------------------------------------------------------

@@ -9,9 +9,10 @@ computed once and reused at every preference.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -221,19 +222,71 @@ class _PrefixCaptured(Exception):
 
 
 @dataclass
-class _DecoderStack:
-    """Where a decoder's adapters start: layers below `first` are not adapted, so their output is preference-free."""
+class DecoderStack:
+    """The decoder layers of a model around its adapters.
+
+    Layers below `first` hold no adapter, so their output does not depend on the preference or on whether the
+    adapters are enabled: it can be computed once (`capture`) and the rest of the model run from it (`suffix`), for
+    every preference, and for the reference model too.
+    """
 
     layers: nn.ModuleList
     first: int
     norm: nn.Module
     head: nn.Module
 
+    @contextlib.contextmanager
+    def capture(self, stop: bool = False) -> Iterator[dict[str, Any]]:
+        """Records the input of the first adapted layer during a forward pass run inside the block.
+
+        With `stop=True` the forward pass ends there (run it inside the block; the block swallows the stop).
+        """
+        captured: dict[str, Any] = {}
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if "hidden" not in captured:
+                captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+                captured["kwargs"] = {key: value for key, value in kwargs.items() if key != "hidden_states"}
+            if stop:
+                raise _PrefixCaptured
+
+        handle = self.layers[self.first].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield captured
+        except _PrefixCaptured:
+            pass
+        finally:
+            handle.remove()
+
+    def suffix(self, hidden: torch.Tensor, kwargs: Mapping[str, Any]) -> torch.Tensor:
+        """Runs the adapted layers and the final norm from a captured input: `(batch, seq, hidden)`."""
+        for layer in self.layers[self.first :]:
+            output = layer(hidden, **kwargs)
+            hidden = output[0] if isinstance(output, tuple) else output  # (batch, seq, hidden)
+        return self.norm(hidden)  # (batch, seq, hidden)
+
+    def completion_logps(
+        self,
+        hidden: torch.Tensor,
+        input_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        attention_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Log-probabilities summed over completion tokens `(batch,)`, the output head run at those positions only."""
+        input_ids = input_ids.to(hidden.device)
+        counted = (completion_mask[:, 1:] * attention_mask[:, 1:]).bool().to(hidden.device)  # (batch, seq - 1)
+        rows = torch.arange(input_ids.shape[0], device=hidden.device).unsqueeze(1).expand_as(counted)[counted]  # (n,)
+        logits = self.head(hidden[:, :-1][counted]).float()  # (n, vocab)
+        token_logps = logits.gather(-1, input_ids[:, 1:][counted].unsqueeze(-1)).squeeze(-1)  # (n,)
+        token_logps = token_logps - torch.logsumexp(logits, dim=-1)  # (n,)
+        sums = torch.zeros(input_ids.shape[0], device=hidden.device, dtype=token_logps.dtype)  # (batch,)
+        return sums.index_add(0, rows, token_logps)
+
 
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm")
 
 
-def find_decoder_stack(model: nn.Module) -> _DecoderStack | None:
+def find_decoder_stack(model: nn.Module) -> DecoderStack | None:
     """Finds the decoder layer list that holds every adapted module, its final norm and the output head.
 
     Returns None when the adapters are not all inside one `nn.ModuleList` of layers with a known final norm; the
@@ -255,7 +308,7 @@ def find_decoder_stack(model: nn.Module) -> _DecoderStack | None:
         if norm is None or head is None:
             return None
         first = min(int(key[len(prefix) :].split(".")[0]) for key in adapted)
-        return _DecoderStack(layers=module, first=first, norm=norm, head=head)
+        return DecoderStack(layers=module, first=first, norm=norm, head=head)
     return None
 
 
@@ -378,45 +431,22 @@ class PairScorer:
             self._prefix[name] = [self._capture_prefix(batch) for batch in self.batches[name]]
         parts = []
         for batch, (hidden, kwargs) in zip(self.batches[name], self._prefix[name]):
-            for layer in self.stack.layers[self.stack.first :]:
-                output = layer(hidden, **kwargs)
-                hidden = output[0] if isinstance(output, tuple) else output  # (2 * pairs, seq, hidden)
-            hidden = self.stack.norm(hidden)  # (2 * pairs, seq, hidden)
-            parts.append(self._completion_logps(hidden, batch).view(2, -1))  # (2, pairs)
+            hidden = self.stack.suffix(hidden, kwargs)  # (2 * pairs, seq, hidden)
+            logps = self.stack.completion_logps(
+                hidden, batch["input_ids"], batch["completion_mask"], batch["attention_mask"]
+            )  # (2 * pairs,)
+            parts.append(logps.view(2, -1))  # (2, pairs)
         return torch.cat(parts, dim=1)  # (2, all pairs)
 
     def _capture_prefix(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
-        captured: dict[str, Any] = {}
-
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-            captured["kwargs"] = kwargs
-            raise _PrefixCaptured
-
-        handle = self.stack.layers[self.stack.first].register_forward_pre_hook(hook, with_kwargs=True)
         device = next(self.model.parameters()).device
-        try:
+        with self.stack.capture(stop=True) as captured:
             self.model(
                 input_ids=batch["input_ids"].to(device),
                 attention_mask=batch["attention_mask"].to(device),
                 use_cache=False,
             )
-        except _PrefixCaptured:
-            pass
-        finally:
-            handle.remove()
         return captured["hidden"], captured["kwargs"]
-
-    def _completion_logps(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Log-probabilities summed over completion tokens, computing the output head at those positions only."""
-        input_ids = batch["input_ids"].to(hidden.device)
-        counted = (batch["completion_mask"][:, 1:] * batch["attention_mask"][:, 1:]).bool().to(hidden.device)
-        rows = torch.arange(input_ids.shape[0], device=hidden.device).unsqueeze(1).expand_as(counted)[counted]  # (n,)
-        logits = self.stack.head(hidden[:, :-1][counted]).float()  # (n, vocab)
-        token_logps = logits.gather(-1, input_ids[:, 1:][counted].unsqueeze(-1)).squeeze(-1)  # (n,)
-        token_logps = token_logps - torch.logsumexp(logits, dim=-1)  # (n,)
-        sums = torch.zeros(input_ids.shape[0], device=hidden.device)  # (2 * pairs,)
-        return sums.index_add_(0, rows, token_logps)
 
     def __call__(self) -> dict[str, dict[str, float]]:
         """`{objective: {"accuracy", "accuracy_stderr", "margin", "margin_stderr", "num_pairs"}}` right now."""

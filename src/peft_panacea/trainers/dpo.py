@@ -14,11 +14,13 @@ from peft import PeftModel
 from torch.utils.data import Sampler
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import use_adapter
 
 from ..aggregation import AGGREGATION_METHODS, aggregate
 from ..config import PanaceaConfig
 from ..data import check_columns
 from ..preference import PREFERENCE_SAMPLINGS, PreferenceSampler, uniform_preference
+from ..scoring import find_decoder_stack
 
 logger = get_logger(__name__)
 
@@ -57,6 +59,8 @@ class MultiObjectiveDPOConfig(DPOConfig):
         max_prompt_length (`int`, *optional*): Keep only the last this many prompt tokens (the end of a dialogue
             matters most), applied after tokenization and before `max_length`.
         max_completion_length (`int`, *optional*): Keep only the first this many tokens of each response.
+        share_frozen_layers (`bool`): When the adapters sit on the upper layers only, compute the lower layers once
+            per step for policy and reference alike, and the output head at completion tokens only (one process).
     """
 
     objectives: list[str] | None = field(
@@ -92,6 +96,12 @@ class MultiObjectiveDPOConfig(DPOConfig):
     )
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Keep only the last this many prompt tokens (before `max_length`)."}
+    )
+    share_frozen_layers: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the layers below the adapters once per step for both policy and reference (single process)."
+        },
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Keep only the first this many tokens of each response."}
@@ -271,6 +281,22 @@ class ObjectiveBalancedSampler(Sampler[int]):
                 yield from rows[start : start + self.per_objective]
 
 
+def truncate_tokenized(dataset: Dataset, max_prompt_length: int | None, max_completion_length: int | None) -> Dataset:
+    """Keeps the last `max_prompt_length` prompt tokens and the first `max_completion_length` tokens of each response
+    of a dataset tokenized by TRL (`prompt_ids`, `chosen_ids`, `rejected_ids`); None keeps everything."""
+    if max_prompt_length is None and max_completion_length is None:
+        return dataset
+
+    def truncate(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "prompt_ids": row["prompt_ids"][-max_prompt_length:] if max_prompt_length else row["prompt_ids"],
+            "chosen_ids": row["chosen_ids"][:max_completion_length],
+            "rejected_ids": row["rejected_ids"][:max_completion_length],
+        }
+
+    return dataset.map(truncate, desc="Truncating prompts and responses")
+
+
 @dataclass
 class SignedPreferenceCollator(DataCollatorForPreference):
     """TRL's preference collator that also stacks `objective_signs` into a `(batch, m)` tensor."""
@@ -398,6 +424,11 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
             )
 
         self._sync_reference_adapter()
+        # Sharing the frozen lower layers between policy and reference needs the model called directly, not
+        # through a distributed wrapper, whose forward the shortcut would bypass.
+        self._decoder_stack = None
+        if self.accelerator.num_processes == 1 and args.share_frozen_layers:
+            self._decoder_stack = find_decoder_stack(self.accelerator.unwrap_model(self.model))
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The Panacea adapter has no trainable parameters, so training would change nothing. It was probably "
@@ -420,6 +451,13 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
                 f"The adapter has `preference_dim={config.preference_dim}`, but {len(args.objectives)} objectives "
                 f"were given: {args.objectives}."
             )
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """Trains, then leaves the adapter at the centre of the simplex (not at the last sampled preference)."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._set_preference(uniform_preference(len(self.args.objectives)))
 
     def _panacea_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model).base_model
@@ -476,18 +514,7 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset: Dataset, processing_class: Any, args: DPOConfig, dataset_name: str) -> Dataset:
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        prompt_length, completion_length = args.max_prompt_length, args.max_completion_length
-        if prompt_length is None and completion_length is None:
-            return dataset
-
-        def truncate(row: dict[str, Any]) -> dict[str, Any]:
-            return {
-                "prompt_ids": row["prompt_ids"][-prompt_length:] if prompt_length else row["prompt_ids"],
-                "chosen_ids": row["chosen_ids"][:completion_length],
-                "rejected_ids": row["rejected_ids"][:completion_length],
-            }
-
-        return dataset.map(truncate, desc=f"Truncating {dataset_name} prompts and responses")
+        return truncate_tokenized(dataset, args.max_prompt_length, args.max_completion_length)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -503,14 +530,21 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
 
         # Policy and reference log-probabilities of both responses, summed over completion tokens.
         completion_mask = inputs["completion_mask"]  # (2 * batch, seq)
-        model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_inputs, labels=labels, use_cache=False, fused_lm_head=True)
         shift_mask = completion_mask[..., 1:]  # (2 * batch, seq - 1)
-        logps = outputs.log_probs[:, -shift_mask.size(1) :].sum(dim=1)  # (2 * batch,)
+        outputs = None
+        if self._decoder_stack is not None and not return_outputs:
+            logps, reference = self._logps_from_shared_prefix(model, inputs)  # (2 * batch,) each
+        else:
+            model_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(**model_inputs, labels=labels, use_cache=False, fused_lm_head=True)
+            logps = outputs.log_probs[:, -shift_mask.size(1) :].sum(dim=1)  # (2 * batch,)
+            reference = None
         first_logps, second_logps = logps.chunk(2)  # (batch,) each
         if self.precompute_ref_logps:
             ref_first, ref_second = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        elif reference is not None:
+            ref_first, ref_second = reference.chunk(2)
         else:
             ref_first, ref_second = self.compute_ref_log_probs(model, inputs)
         first_logratios = first_logps - ref_first.to(first_logps.device)  # (batch,)
@@ -542,6 +576,30 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
             mode, pair_logits.detach(), pair_losses.detach(), first_logratios, second_logratios, signs, preference
         )
         return (loss, outputs) if return_outputs else loss
+
+    def _logps_from_shared_prefix(
+        self, model: Any, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy and reference log-probabilities sharing one pass through the layers below the adapters.
+
+        Those layers do not depend on the adapter, so their output is computed once (without gradients) and both
+        the policy (adapter on, with gradients) and the reference (adapter off, or TRL's frozen copy `"ref"`) run
+        only the adapted layers from it; the output head runs at completion tokens only.
+        """
+        stack = self._decoder_stack
+        with stack.capture(stop=True) as captured:
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        masks = (inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"])
+        policy = stack.completion_logps(stack.suffix(captured["hidden"], captured["kwargs"]), *masks)  # (2 * batch,)
+        if self.precompute_ref_logps:
+            return policy, None
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        adapter = "ref" if "ref" in unwrapped.peft_config else None
+        with torch.no_grad(), use_adapter(unwrapped, adapter_name=adapter):
+            hidden = stack.suffix(captured["hidden"].detach(), captured["kwargs"])  # (2 * batch, seq, hidden)
+            reference = stack.completion_logps(hidden, *masks)  # (2 * batch,)
+        return policy, reference
 
     def _log_objectives(
         self,
