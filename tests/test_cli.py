@@ -82,9 +82,12 @@ def test_panacea_front_moves_with_preference(demo_dir: Path) -> None:
 
 
 def test_front_rescores_a_run(demo_dir: Path) -> None:
-    main(["front", str(demo_dir / "panacea"), "--grid-step", "0.5", "--no-progress"])
+    main(["front", str(demo_dir / "panacea"), "--grid-step", "0.5", "--no-progress", "--generate-prompts", "2"])
     front = read_front(demo_dir / "panacea" / "front.json")
     assert [p.preference["helpful"] for p in front.points] == [1.0, 0.5, 0.0]
+    lengths = [p.extra["generation"]["mean_reply_tokens"] for p in front.points]
+    assert all(0 <= length <= 64 for length in lengths)
+    assert front.evaluation["generated_prompts"] == 2
 
 
 def test_model_card_names_objectives_and_front(demo_dir: Path) -> None:

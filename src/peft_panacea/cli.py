@@ -123,6 +123,10 @@ class FrontArguments:
     grid_step: float | None = field(
         default=None, metadata={"help": "λ grid step (default 0.1 for two objectives, 0.2 for three)."}
     )
+    generate_prompts: int = field(
+        default=0,
+        metadata={"help": "Also answer this many held-out prompts at every λ and record the mean reply length."},
+    )
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bar."})
 
 
@@ -196,7 +200,7 @@ def run_soups(argv: list[str]) -> None:
     run_dir = Path(output.output_dir)
     result = train_soups(_settings(*groups, grid_step=front_args.grid_step), run_dir)
     print(f"Rewarded Soups adapters trained in {result['train_seconds']:.0f} s; scoring the front")
-    front = evaluate_front(run_dir, progress=not front_args.no_progress)
+    front = evaluate_front(run_dir, progress=not front_args.no_progress, generate_prompts=front_args.generate_prompts)
     _print_front(front)
 
 
@@ -207,7 +211,7 @@ def run_front(argv: list[str]) -> None:
     run_dir = Path(rest.run_dir)
     if front_args.grid_step is not None:
         _override_grid(run_dir, front_args.grid_step)
-    front = evaluate_front(run_dir, progress=not front_args.no_progress)
+    front = evaluate_front(run_dir, progress=not front_args.no_progress, generate_prompts=front_args.generate_prompts)
     _print_front(front)
 
 
@@ -264,7 +268,7 @@ def run_demo(argv: list[str]) -> None:
         train(settings, run_dir)
         timings[f"{method} training"] = time.time() - t0
         t0 = time.time()
-        fronts[method] = evaluate_front(run_dir, progress=progress)
+        fronts[method] = evaluate_front(run_dir, progress=progress, generate_prompts=front_args.generate_prompts)
         timings[f"{method} front"] = time.time() - t0
 
     # One reference point for both fronts, so that their hypervolumes compare.

@@ -318,8 +318,12 @@ def load_steerable(run_dir: Path) -> tuple[str, RunSettings, Any, PeftModel, Pre
 # --- fronts -------------------------------------------------------------------------------------------------------
 
 
-def evaluate_front(run_dir: Path, progress: bool = True) -> Front:
-    """Scores a trained run at every λ of the grid on held-out pairs; writes front.json, metrics.json, front.png."""
+def evaluate_front(run_dir: Path, progress: bool = True, generate_prompts: int = 0) -> Front:
+    """Scores a trained run at every λ of the grid on held-out pairs; writes front.json, metrics.json, front.png.
+
+    With `generate_prompts > 0`, also answers that many held-out prompts greedily at every λ and records the mean
+    reply length in tokens under `extra["generation"]["mean_reply_tokens"]` (the measure of conciseness).
+    """
     started = time.time()
     method, settings, steerable, peft_model, tokenizer = load_steerable(run_dir)
     _, held_out = load_pairs(settings)
@@ -331,7 +335,14 @@ def evaluate_front(run_dir: Path, progress: bool = True) -> Front:
         max_prompt_length=settings.max_prompt_length,
         max_completion_length=settings.max_completion_length,
     )
-    points = evaluate_preference_grid(steerable, settings.grid, scorer, settings.objectives, progress=progress)
+    score_fn = scorer
+    if generate_prompts > 0:
+        prompts = [row["prompt"] for row in next(iter(held_out.values())).select(range(generate_prompts))]
+
+        def score_fn() -> dict[str, dict[str, float]]:
+            return {**scorer(), "generation": {"mean_reply_tokens": mean_reply_tokens(peft_model, tokenizer, prompts)}}
+
+    points = evaluate_preference_grid(steerable, settings.grid, score_fn, settings.objectives, progress=progress)
     front = Front(
         method=method,
         objectives=list(settings.objectives),
@@ -348,6 +359,7 @@ def evaluate_front(run_dir: Path, progress: bool = True) -> Front:
             "max_prompt_length": settings.max_prompt_length,
             "max_completion_length": settings.max_completion_length,
             "grid": [list(point) for point in settings.grid],
+            "generated_prompts": generate_prompts,
             "seconds": round(time.time() - started, 1),
         },
     )
@@ -388,6 +400,20 @@ def write_model_card(adapter_dir: Path, front: Front) -> None:
         f"|{'---|' * (2 * len(front.objectives))}\n{rows}\n"
     )
     card.write_text(text)
+
+
+@torch.no_grad()
+def mean_reply_tokens(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict[str, str]]], limit: int = 64
+) -> float:
+    """Mean length in tokens of greedy replies to chat `prompts` (at most `limit` tokens each)."""
+    texts = [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False) for prompt in prompts]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
+    outputs = model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    replies = outputs[:, inputs["input_ids"].shape[1] :]  # (prompts, new tokens)
+    ended = replies == tokenizer.eos_token_id  # (prompts, new tokens)
+    lengths = torch.where(ended.any(dim=1), ended.float().argmax(dim=1), torch.tensor(replies.shape[1]))  # (prompts,)
+    return lengths.float().mean().item()
 
 
 # --- answers ------------------------------------------------------------------------------------------------------
