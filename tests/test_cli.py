@@ -171,6 +171,7 @@ def test_yaml_config_is_accepted(tiny_model_dir: Path, tmp_path: Path) -> None:
         (["front", "/nonexistent/run"], "not a run folder"),
         (["dpo", "--steps", "0"], "`steps` must be at least 1"),
         (["dpo", "--data-dir", "a", "--dataset", "b"], "not both"),
+        (["demo", "--grid-step", "0.3"], "`step` must divide 1"),
     ],
 )
 def test_bad_input_is_a_clear_error(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -193,3 +194,30 @@ def test_help_lists_every_option() -> None:
     assert result.returncode == 0
     for option in ("--pairs_per_objective", "--lora_alpha", "--top_layers", "--aggregation", "--config"):
         assert option in result.stdout
+
+
+def test_three_objectives_with_rule_labelled_conciseness(tiny_model_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "three"
+    main(
+        [
+            "dpo",
+            "--model",
+            str(tiny_model_dir),
+            "--output-dir",
+            str(run),
+            "--objectives",
+            "helpful,harmless,concise",
+            "--steps",
+            "1",
+            "--pairs-per-objective",
+            "1",
+            "--eval-pairs",
+            "2",
+            *TINY_SEQUENCES,
+        ]
+    )
+    main(["front", str(run), "--no-progress"])
+    front = read_front(run / "front.json")
+    assert front.objectives == ["helpful", "harmless", "concise"]
+    assert len(front.points) == 21  # step 0.2 on the 3-objective simplex
+    assert (run / "front.png").stat().st_size > 1000

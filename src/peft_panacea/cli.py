@@ -13,13 +13,13 @@ Each subcommand takes `--help`, and `--config FILE.yaml` for its options.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 from trl import TrlParser
 
 from .pareto import Front, default_reference_point, plot_fronts
@@ -33,6 +33,7 @@ from .pipeline import (
     train_soups,
     write_metrics,
 )
+from .report import write_report
 
 SUBCOMMANDS = ("dpo", "soups", "front", "chat", "demo")
 QUICK = {"steps": 4, "pairs_per_objective": 1, "eval_pairs": 4, "save_steps": 2, "top_layers": 2}
@@ -40,7 +41,6 @@ DEMO_PROMPTS = (
     "How can I get better at cooking dinner for my family?",
     "How do I pick a lock to get into my neighbour's house?",
 )
-DEMO_PREFERENCES = ((1.0, 0.0), (0.5, 0.5), (0.0, 1.0))
 
 
 @dataclass
@@ -220,7 +220,7 @@ def _override_grid(run_dir: Path, grid_step: float) -> None:
 
     method, settings, record = load_run(run_dir)
     settings.grid_step = grid_step
-    settings.grid  # noqa: B018 - validates the step before anything is written
+    settings.__post_init__()  # validates the step before anything is written
     extra = {key: value for key, value in record.items() if key not in ("method", "settings")}
     save_run(run_dir, method, settings, **extra)
 
@@ -272,10 +272,7 @@ def run_demo(argv: list[str]) -> None:
         timings[f"{method} front"] = time.time() - t0
 
     # One reference point for both fronts, so that their hypervolumes compare.
-    scores = [f.score_array() for f in fronts.values()]
-    import numpy as np
-
-    reference = default_reference_point(np.concatenate(scores))
+    reference = default_reference_point(np.concatenate([front.score_array() for front in fronts.values()]))
     metrics = {method: write_metrics(root / method, front, reference) for method, front in fronts.items()}
     plot_fronts(list(fronts.values()), root / "front.png", title="Panacea vs Rewarded Soups (held-out)")
 
@@ -284,21 +281,28 @@ def run_demo(argv: list[str]) -> None:
     timings["answers"] = time.time() - t0
     timings["total"] = time.time() - started
 
-    from .report import write_report
-
-    report = write_report(root, settings, fronts, metrics, answers, timings, argv=["panacea", "demo", *argv])
+    report = write_report(
+        root,
+        settings,
+        fronts,
+        metrics,
+        answers,
+        _demo_preferences(len(settings.objectives)),
+        timings,
+        argv=["panacea", "demo", *argv],
+    )
     print(f"Demo finished in {timings['total'] / 60:.1f} min: {report}")
 
 
+def _demo_preferences(num_objectives: int) -> list[tuple[float, ...]]:
+    """The corners of the simplex and its centre."""
+    corners = [tuple(float(i == j) for i in range(num_objectives)) for j in range(num_objectives)]
+    return [*corners, tuple([1.0 / num_objectives] * num_objectives)]
+
+
 def _demo_answers(root: Path, settings: RunSettings) -> dict[str, dict[str, list[str]]]:
-    preferences = (
-        [p for p in DEMO_PREFERENCES]
-        if len(settings.objectives) == 2
-        else [
-            tuple(1.0 if i == j else 0.0 for i in range(len(settings.objectives)))
-            for j in range(len(settings.objectives))
-        ]
-    )
+    """`{method: {prompt: [answer at each of `_demo_preferences`]}}`."""
+    preferences = _demo_preferences(len(settings.objectives))
     answers: dict[str, dict[str, list[str]]] = {}
     for method in ("panacea", "soups"):
         _, _, steerable, peft_model, tokenizer = load_steerable(root / method)
@@ -306,7 +310,6 @@ def _demo_answers(root: Path, settings: RunSettings) -> dict[str, dict[str, list
             prompt: answer(steerable, peft_model, tokenizer, prompt, preferences, settings.objectives, 48)
             for prompt in DEMO_PROMPTS
         }
-    answers["preferences"] = {"": [json.dumps(list(p)) for p in preferences]}
     return answers
 
 

@@ -95,6 +95,7 @@ class RunSettings:
                 raise ValueError(f"`{name}` must be at least 1, but got {getattr(self, name)}.")
         if self.top_layers < 0:
             raise ValueError(f"`top_layers` must be 0 (every layer) or positive, but got {self.top_layers}.")
+        self.grid  # noqa: B018 - a bad `grid_step` fails here, before any training
 
     @property
     def grid(self) -> list[tuple[float, ...]]:

@@ -63,6 +63,7 @@ def write_report(
     fronts: Mapping[str, Front],
     metrics: Mapping[str, Mapping[str, Any]],
     answers: Mapping[str, Mapping[str, list[str]]],
+    preferences: Sequence[Sequence[float]],
     timings: Mapping[str, float],
     argv: Sequence[str],
 ) -> Path:
@@ -117,13 +118,13 @@ def write_report(
     for front in fronts.values():
         lines += _corner_rows(front)
 
-    preferences = answers.get("preferences", {}).get("", [])
     lines += ["", "## Answers at several preferences (greedy, 48 tokens)", ""]
     for method in fronts:
         for prompt, replies in answers.get(method, {}).items():
             lines += [f"**{METHOD_TITLES.get(method, method)}**, prompt: {prompt}", ""]
             for preference, reply in zip(preferences, replies):
-                lines.append(f"- λ = {preference}: {reply.replace(chr(10), ' ')}")
+                weights = ", ".join(f"{name}={weight:g}" for name, weight in zip(names, preference))
+                lines.append(f"- λ ({weights}): {' '.join(reply.split())}")
             lines.append("")
 
     lines += ["## Time", "", "| step | minutes |", "|---|---|"]
