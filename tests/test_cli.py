@@ -103,8 +103,7 @@ def test_chat_answers_side_by_side(demo_dir: Path, capsys: pytest.CaptureFixture
             str(demo_dir / "panacea"),
             "--preference",
             "helpful=0.8,harmless=0.2",
-            "--preference",
-            "helpful=0,harmless=1",
+            "--preference=helpful=0,harmless=1",
             "--max-new-tokens",
             "4",
             "Hello?",
@@ -171,7 +170,7 @@ def test_yaml_config_is_accepted(tiny_model_dir: Path, tmp_path: Path) -> None:
         (["front", "/nonexistent/run"], "not a run folder"),
         (["dpo", "--steps", "0"], "`steps` must be at least 1"),
         (["dpo", "--data-dir", "a", "--dataset", "b"], "not both"),
-        (["demo", "--grid-step", "0.3"], "`step` must divide 1"),
+        (["demo", "--grid-step", "0.3"], "must divide 1 into a whole number"),
     ],
 )
 def test_bad_input_is_a_clear_error(arguments: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -69,7 +69,10 @@ def test_simplex_grid_small_cases():
 
 
 def test_simplex_grid_errors():
-    with pytest.raises(ValueError, match=r"`step` must divide 1 into a whole number of parts, but got 0.3"):
+    with pytest.raises(
+        ValueError,
+        match=r"`step` \(`--grid-step`\) must divide 1 into a whole number of parts, such as 0.5, .* but got 0.3",
+    ):
         simplex_grid(2, 0.3)
     with pytest.raises(ValueError, match=r"`step` must be in \(0, 1\], but got 0"):
         simplex_grid(2, 0)

@@ -36,6 +36,8 @@ from .pipeline import (
 from .report import write_report
 
 SUBCOMMANDS = ("dpo", "soups", "front", "chat", "demo")
+DEMO_ANSWER_TOKENS = 48
+QUICK_ANSWER_TOKENS = 12
 QUICK = {"steps": 4, "pairs_per_objective": 1, "eval_pairs": 4, "save_steps": 2, "top_layers": 2}
 DEMO_PROMPTS = (
     "How can I get better at cooking dinner for my family?",
@@ -132,16 +134,25 @@ class FrontArguments:
 
 @dataclass
 class ChatArguments:
-    preference: list[str] = field(
-        default_factory=list,
-        metadata={"help": "A trade-off such as helpful=0.8,harmless=0.2; give several to answer side by side."},
+    preference: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trade-off such as helpful=0.8,harmless=0.2 (the centre of the simplex by default). Repeat "
+            "--preference for several answers side by side, one batched generation with one λ per row."
+        },
     )
     max_new_tokens: int = field(default=64, metadata={"help": "Longest answer, in tokens."})
 
 
 @dataclass
 class DemoArguments:
-    quick: bool = field(default=False, metadata={"help": "A smoke run of a few minutes (tiny budget, same steps)."})
+    quick: bool = field(
+        default=False,
+        metadata={
+            "help": "A smoke run that only shows the pipeline works: it replaces the budget options with 4 steps of "
+            "1 pair per objective, 4 held-out pairs, the top 2 layers and short answers; its numbers are noise."
+        },
+    )
     output_dir: str = field(default="runs/demo", metadata={"help": "The run folder to write."})
 
 
@@ -235,6 +246,8 @@ def run_chat(argv: list[str]) -> None:
     for argument in arguments:
         if argument == "--preference":
             preferences.append(next(arguments, ""))
+        elif argument.startswith("--preference="):
+            preferences.append(argument.removeprefix("--preference="))
         else:
             others.append(argument)
     chat_args, rest = parser.parse_args_and_config(others)
@@ -277,7 +290,7 @@ def run_demo(argv: list[str]) -> None:
     plot_fronts(list(fronts.values()), root / "front.png", title="Panacea vs Rewarded Soups (held-out)")
 
     t0 = time.time()
-    answers = _demo_answers(root, settings)
+    answers = _demo_answers(root, settings, QUICK_ANSWER_TOKENS if demo.quick else DEMO_ANSWER_TOKENS)
     timings["answers"] = time.time() - t0
     timings["total"] = time.time() - started
 
@@ -290,6 +303,7 @@ def run_demo(argv: list[str]) -> None:
         _demo_preferences(len(settings.objectives)),
         timings,
         argv=["panacea", "demo", *argv],
+        quick=demo.quick,
     )
     print(f"Demo finished in {timings['total'] / 60:.1f} min: {report}")
 
@@ -300,14 +314,14 @@ def _demo_preferences(num_objectives: int) -> list[tuple[float, ...]]:
     return [*corners, tuple([1.0 / num_objectives] * num_objectives)]
 
 
-def _demo_answers(root: Path, settings: RunSettings) -> dict[str, dict[str, list[str]]]:
+def _demo_answers(root: Path, settings: RunSettings, max_new_tokens: int) -> dict[str, dict[str, list[str]]]:
     """`{method: {prompt: [answer at each of `_demo_preferences`]}}`."""
     preferences = _demo_preferences(len(settings.objectives))
     answers: dict[str, dict[str, list[str]]] = {}
     for method in ("panacea", "soups"):
         _, _, steerable, peft_model, tokenizer = load_steerable(root / method)
         answers[method] = {
-            prompt: answer(steerable, peft_model, tokenizer, prompt, preferences, settings.objectives, 48)
+            prompt: answer(steerable, peft_model, tokenizer, prompt, preferences, settings.objectives, max_new_tokens)
             for prompt in DEMO_PROMPTS
         }
     return answers

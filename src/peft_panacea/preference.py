@@ -144,8 +144,8 @@ def simplex_grid(num_objectives: int, step: float) -> list[tuple[float, ...]]:
     divisions = round(1 / step)
     if abs(divisions * step - 1) > GRID_TOLERANCE:
         raise ValueError(
-            f"`step` must divide 1 into a whole number of parts, but got {step} (1 / step = {1 / step}). "
-            f"Use e.g. {1 / max(divisions, 1):g}."
+            f"`step` (`--grid-step`) must divide 1 into a whole number of parts, such as 0.5, 0.25, 0.2 or 0.1, "
+            f"but got {step} (1 / step = {1 / step:g})."
         )
 
     def compositions(total: int, parts: int) -> Iterable[tuple[int, ...]]:

@@ -66,6 +66,7 @@ def write_report(
     preferences: Sequence[Sequence[float]],
     timings: Mapping[str, float],
     argv: Sequence[str],
+    quick: bool = False,
 ) -> Path:
     """Writes `root/report.md` and returns its path."""
     names = list(settings.objectives)
@@ -75,8 +76,17 @@ def write_report(
         "",
         f"Command: `{shlex.join(argv)}`",
         "",
+        *(
+            [
+                "**A `--quick` smoke run: a few steps and a few held-out pairs. It shows that the pipeline runs; its "
+                "numbers are noise.**",
+                "",
+            ]
+            if quick
+            else []
+        ),
         f"Model: `{settings.model}`. Data: {settings.data_description()}. Objectives: {', '.join(names)}.",
-        f"Budget: {settings.steps} steps of {settings.pairs_per_objective} pairs per objective for Panacea; "
+        f"Budget: {settings.steps} steps of {settings.pairs_per_objective} pair(s) per objective for Panacea; "
         f"Rewarded Soups trains one LoRA per objective for {settings.steps // len(names)} steps of the same batch "
         "size (the same number of steps and pairs in all).",
         "",
@@ -118,7 +128,7 @@ def write_report(
     for front in fronts.values():
         lines += _corner_rows(front)
 
-    lines += ["", "## Answers at several preferences (greedy, 48 tokens)", ""]
+    lines += ["", "## Answers at several preferences (greedy)", ""]
     for method in fronts:
         for prompt, replies in answers.get(method, {}).items():
             lines += [f"**{METHOD_TITLES.get(method, method)}**, prompt: {prompt}", ""]
