@@ -413,7 +413,8 @@ def mean_reply_tokens(
     outputs = model.generate(**inputs, max_new_tokens=limit, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     replies = outputs[:, inputs["input_ids"].shape[1] :]  # (prompts, new tokens)
     ended = replies == tokenizer.eos_token_id  # (prompts, new tokens)
-    lengths = torch.where(ended.any(dim=1), ended.float().argmax(dim=1), torch.tensor(replies.shape[1]))  # (prompts,)
+    full = torch.full_like(replies[:, 0], replies.shape[1])  # (prompts,), on the model's device
+    lengths = torch.where(ended.any(dim=1), ended.int().argmax(dim=1), full)  # (prompts,)
     return lengths.float().mean().item()
 
 
