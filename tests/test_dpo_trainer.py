@@ -808,3 +808,64 @@ def test_shared_frozen_layers_match_the_full_forward(tmp_path, tiny, start):
     assert grads_shared.keys() == grads_full.keys() and grads_shared
     for name in grads_shared:
         assert_gradients_close(grads_shared[name], grads_full[name], name)
+
+
+@pytest.mark.parametrize("start", ["new", "pretrained"])
+def test_shared_layers_dpo_trainer_matches_trl_for_lora(tmp_path, start):
+    """`SharedLayersDPOTrainer` (used for the Rewarded Soups adapters) with a LoRA adapter on the top layer gives TRL's
+    `DPOTrainer` step: the same loss, the same logged rewards and the same gradients."""
+    from peft import LoraConfig
+    from trl import DPOConfig, DPOTrainer
+
+    from peft_panacea.trainers import SharedLayersDPOTrainer
+
+    lora = LoraConfig(
+        r=4, target_modules=TARGETS, layers_to_transform=[2], layers_pattern="layers", task_type="CAUSAL_LM"
+    )
+    results = {}
+    for trainer_class in (SharedLayersDPOTrainer, DPOTrainer):
+        model = tiny_llama(num_layers=3)
+        if start == "pretrained":
+            model = get_peft_model(model, lora)
+            generator = torch.Generator().manual_seed(3)
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if "lora_" in name:
+                        param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+        args = DPOConfig(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=4,
+            max_steps=1,
+            logging_steps=1,
+            learning_rate=1e-2,
+            max_grad_norm=0.0,
+            seed=0,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            bf16=False,
+            gradient_checkpointing=False,
+        )
+        trainer = trainer_class(
+            model,
+            args=args,
+            train_dataset=objective_pairs(sizes=(4, 0))["helpful"],
+            processing_class=tokenizer(),
+            peft_config=None if isinstance(model, PeftModel) else lora,
+        )
+        if trainer_class is SharedLayersDPOTrainer:
+            assert trainer._shares_frozen_layers() and trainer._decoder_stack.first == 2
+        recorder = GradientRecorder()
+        trainer.add_callback(recorder)
+        trainer.train()
+        results[trainer_class] = (step_logs(trainer)[0], recorder.gradients)
+
+    (logs_shared, grads_shared), (logs_trl, grads_trl) = results[SharedLayersDPOTrainer], results[DPOTrainer]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert logs_shared[key] == pytest.approx(logs_trl[key], rel=1e-6, abs=1e-5), key
+    assert logs_shared["loss"] == pytest.approx(LN2, abs=1e-6)  # the reference is the starting policy
+    assert grads_shared.keys() == grads_trl.keys() and grads_shared
+    nonzero = [name for name, grad in grads_trl.items() if grad is not None and grad.abs().max() > 0]
+    assert nonzero
+    for name in grads_shared:
+        assert_gradients_close(grads_shared[name], grads_trl[name], name)

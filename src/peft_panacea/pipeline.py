@@ -252,14 +252,17 @@ def train_panacea(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
 
 
 def train_soups(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
-    """Trains one LoRA adapter per objective with TRL's DPO trainer, on the same data and total step budget.
+    """Trains one LoRA adapter per objective with TRL's DPO loss, on the same data and total step budget.
+
+    The trainer is `SharedLayersDPOTrainer`, TRL's `DPOTrainer` with the frozen lower layers run once per step, as
+    Panacea's trainer does: both methods pay the same per-step cost.
 
     Panacea takes `steps` steps of `pairs_per_objective * m` pairs; each of the `m` soup adapters takes `steps / m`
     steps of the same batch size, on its own objective's pairs: the same number of steps and pairs in all.
     """
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig
 
-    from .trainers.dpo import truncate_tokenized
+    from .trainers.dpo import SharedLayersDPOTrainer, truncate_tokenized
 
     started = time.time()
     train, _ = load_pairs(settings)
@@ -281,7 +284,9 @@ def train_soups(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
         arguments = _trainer_arguments(settings, checkpoints, steps, batch_size)
         prompt_length, completion_length = arguments.pop("max_prompt_length"), arguments.pop("max_completion_length")
         args = DPOConfig(bf16=False, gradient_checkpointing=False, **arguments)
-        trainer = DPOTrainer(model, args=args, train_dataset=train[name], processing_class=tokenizer, peft_config=lora)
+        trainer = SharedLayersDPOTrainer(
+            model, args=args, train_dataset=train[name], processing_class=tokenizer, peft_config=lora
+        )
         trainer.train_dataset = truncate_tokenized(trainer.train_dataset, prompt_length, completion_length)
         trainer.train(resume_from_checkpoint=_last_checkpoint(checkpoints) or None)
         trainer.model.save_pretrained(folder)

@@ -1,5 +1,5 @@
 """TRL trainers for Panacea adapters."""
 
-from .dpo import MultiObjectiveDPOConfig, MultiObjectiveDPOTrainer
+from .dpo import MultiObjectiveDPOConfig, MultiObjectiveDPOTrainer, SharedLayersDPOTrainer
 
-__all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer"]
+__all__ = ["MultiObjectiveDPOConfig", "MultiObjectiveDPOTrainer", "SharedLayersDPOTrainer"]

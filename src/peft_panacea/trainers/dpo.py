@@ -328,7 +328,95 @@ def dpo_pair_losses(logits: torch.Tensor, beta: float, loss_type: str, label_smo
 # --- trainer ------------------------------------------------------------------------------------------------------
 
 
-class MultiObjectiveDPOTrainer(DPOTrainer):
+class SharedLayersDPOTrainer(DPOTrainer):
+    """TRL's `DPOTrainer` for a PEFT adapter on the upper layers, running the layers below it once per step.
+
+    The layers below the adapters are frozen and identical for the policy and the reference (the model with its
+    adapter disabled, or TRL's frozen copy `"ref"`), so their output is computed once per step without gradients;
+    the policy and the reference then run only the adapted layers from it, and the output head only at completion
+    tokens. The loss and its gradients are those of `DPOTrainer`.
+
+    TRL's own computation is used where the shortcut does not apply: several processes, a separate `ref_model`,
+    adapters that are not all inside one list of decoder layers, or anything but a single `sigmoid` or `hinge` loss
+    with TRL's defaults for `ld_alpha`, `f_divergence_type` and `use_weighting` and no mixture-of-experts auxiliary
+    loss.
+
+    Args:
+        share_frozen_layers: False always uses TRL's computation.
+        *args, **kwargs: As for `DPOTrainer`.
+    """
+
+    def __init__(self, *args: Any, share_frozen_layers: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # The shortcut calls the model directly, not through a distributed wrapper, whose forward it would bypass.
+        self._decoder_stack = None
+        if share_frozen_layers and self.accelerator.num_processes == 1 and self.ref_model is None:
+            self._decoder_stack = find_decoder_stack(self.accelerator.unwrap_model(self.model))
+
+    def _shares_frozen_layers(self) -> bool:
+        return (
+            self._decoder_stack is not None
+            and len(self.loss_types) == 1
+            and self.loss_types[0] in ("sigmoid", "hinge")
+            and self.ld_alpha is None
+            and self.f_divergence_type == "reverse_kl"
+            and not self.use_weighting
+            and not self.aux_loss_enabled
+        )
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        if return_outputs or not self._shares_frozen_layers():
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        logps, reference = self._logps_from_shared_prefix(model, inputs)  # (2 * batch,) each
+        if self.precompute_ref_logps:
+            reference = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(logps.device)
+        chosen_logps, rejected_logps = logps.chunk(2)  # (batch,) each: the batch is [chosen, rejected]
+        chosen_logratios, rejected_logratios = (logps - reference).chunk(2)  # (batch,) each
+        # TRL's sigmoid loss has no label smoothing (its "robust" loss does).
+        losses = dpo_pair_losses(chosen_logratios - rejected_logratios, self.beta, self.loss_types[0])  # (batch,)
+        loss = losses.mean() * self.loss_weights[0]
+
+        metrics = self._metrics[mode]
+        if mode == "train":
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens
+        metrics["num_tokens"] = [self._total_train_tokens]
+        chosen_rewards = self.beta * chosen_logratios.detach()  # (batch,)
+        rejected_rewards = self.beta * rejected_logratios.detach()  # (batch,)
+        for name, values in (
+            ("rewards/chosen", chosen_rewards),
+            ("rewards/rejected", rejected_rewards),
+            ("rewards/accuracies", (chosen_rewards > rejected_rewards).float()),
+            ("rewards/margins", chosen_rewards - rejected_rewards),
+            ("logps/chosen", chosen_logps.detach()),
+            ("logps/rejected", rejected_logps.detach()),
+        ):
+            metrics[name].append(self.accelerator.gather(values).mean().item())
+        return loss
+
+    def _logps_from_shared_prefix(
+        self, model: Any, inputs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Policy and reference log-probabilities of every row (summed over its completion), sharing one pass through
+        the layers below the adapters; the reference is None when it was precomputed."""
+        stack = self._decoder_stack
+        with stack.capture(stop=True) as captured:
+            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        masks = (inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"])
+        policy = stack.completion_logps(stack.suffix(captured["hidden"], captured["kwargs"]), *masks)  # (2 * batch,)
+        if self.precompute_ref_logps:
+            return policy, None
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        adapter = "ref" if "ref" in unwrapped.peft_config else None
+        with torch.no_grad(), use_adapter(unwrapped, adapter_name=adapter):
+            hidden = stack.suffix(captured["hidden"].detach(), captured["kwargs"])  # (2 * batch, seq, hidden)
+            reference = stack.completion_logps(hidden, *masks)  # (2 * batch,)
+        return policy, reference
+
+
+class MultiObjectiveDPOTrainer(SharedLayersDPOTrainer):
     """Multi-objective DPO (Panacea's MDPO) on TRL's `DPOTrainer`.
 
     Each step draws a preference λ on the simplex, sets it on the Panacea adapter, computes one DPO loss per
@@ -413,6 +501,7 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
             eval_dataset=eval_signed,
             peft_config=peft_config,
             data_collator=data_collator,
+            share_frozen_layers=args.share_frozen_layers,
             **kwargs,
         )
         if data_collator is None:
@@ -424,11 +513,6 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
             )
 
         self._sync_reference_adapter()
-        # Sharing the frozen lower layers between policy and reference needs the model called directly, not
-        # through a distributed wrapper, whose forward the shortcut would bypass.
-        self._decoder_stack = None
-        if self.accelerator.num_processes == 1 and args.share_frozen_layers:
-            self._decoder_stack = find_decoder_stack(self.accelerator.unwrap_model(self.model))
         if not any(p.requires_grad for p in self.model.parameters()):
             raise ValueError(
                 "The Panacea adapter has no trainable parameters, so training would change nothing. It was probably "
@@ -577,30 +661,6 @@ class MultiObjectiveDPOTrainer(DPOTrainer):
         )
         return (loss, outputs) if return_outputs else loss
 
-    def _logps_from_shared_prefix(
-        self, model: Any, inputs: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Policy and reference log-probabilities sharing one pass through the layers below the adapters.
-
-        Those layers do not depend on the adapter, so their output is computed once (without gradients) and both
-        the policy (adapter on, with gradients) and the reference (adapter off, or TRL's frozen copy `"ref"`) run
-        only the adapted layers from it; the output head runs at completion tokens only.
-        """
-        stack = self._decoder_stack
-        with stack.capture(stop=True) as captured:
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        masks = (inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"])
-        policy = stack.completion_logps(stack.suffix(captured["hidden"], captured["kwargs"]), *masks)  # (2 * batch,)
-        if self.precompute_ref_logps:
-            return policy, None
-
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        adapter = "ref" if "ref" in unwrapped.peft_config else None
-        with torch.no_grad(), use_adapter(unwrapped, adapter_name=adapter):
-            hidden = stack.suffix(captured["hidden"].detach(), captured["kwargs"])  # (2 * batch, seq, hidden)
-            reference = stack.completion_logps(hidden, *masks)  # (2 * batch,)
-        return policy, reference
-
     def _log_objectives(
         self,
         mode: str,
@@ -646,6 +706,7 @@ __all__ = [
     "MultiObjectiveDPOConfig",
     "MultiObjectiveDPOTrainer",
     "ObjectiveBalancedSampler",
+    "SharedLayersDPOTrainer",
     "SignedPreferenceCollator",
     "dpo_pair_losses",
     "to_signed_pairs",
