@@ -57,6 +57,10 @@ def test_demo_writes_every_artefact(demo_dir: Path) -> None:
         metrics = json.loads((folder / "metrics.json").read_text())
         assert metrics["hypervolume"]["value"] >= 0
         assert set(metrics) >= {"inner_product", "sparsity", "spacing", "knee_point"}
+        steering = metrics["steering"]["objectives"]
+        assert set(steering) == {"helpful", "harmless"}
+        assert all(entry["num_pairs"] == 3 and entry["slope_stderr"] >= 0 for entry in steering.values())
+        assert front.evaluation["steering"] == steering
     assert (demo_dir / "panacea" / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in (demo_dir / "soups" / "adapters").iterdir()) == ["harmless", "helpful"]
     report = (demo_dir / "report.md").read_text()

@@ -187,6 +187,17 @@ def test_read_hh_rlhf_rejects_bad_sources(hh_folder, tmp_path):
     with pytest.raises(ValueError, match=r"line 1 must have a string field 'chosen'"):
         read_hh_rlhf(tmp_path / "odd")
 
+    latin = tmp_path / "latin" / "test.jsonl"
+    latin.parent.mkdir()
+    latin.write_bytes('{"chosen": "caf\u00e9", "rejected": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"`.*latin/test\.jsonl` must be UTF-8 text"):
+        read_hh_rlhf(latin)
+    fake_gzip = tmp_path / "fake" / "test.jsonl.gz"
+    fake_gzip.parent.mkdir()
+    fake_gzip.write_text('{"chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(ValueError, match=r"`.*fake/test\.jsonl\.gz` must be gzip-compressed UTF-8 text"):
+        read_hh_rlhf(fake_gzip.parent)
+
 
 def test_read_hh_rlhf_reads_hub_ids_through_load_dataset(monkeypatch):
     calls = []

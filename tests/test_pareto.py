@@ -27,7 +27,7 @@ from peft_panacea.pareto import (
     write_front,
 )
 from peft_panacea.preference import simplex_grid
-from peft_panacea.scoring import evaluate_preference_grid, implicit_reward_scores, sequence_logps
+from peft_panacea.scoring import evaluate_preference_grid, implicit_reward_scores, sequence_logps, steering_slopes
 
 # Three non-dominated points, unevenly spaced: the running example of the metric tests.
 UNEVEN = [[0.0, 3.0], [1.0, 2.0], [3.0, 0.0]]
@@ -423,6 +423,34 @@ def test_implicit_reward_scores_by_hand():
             "num_pairs": 3,
         }
     )
+
+
+def test_steering_slopes_by_hand():
+    """Grid (1, 0), (0.5, 0.5), (0, 1). Helpful weights 1, 0.5, 0 (centred 0.5, 0, -0.5; squares sum 0.5).
+    Helpful pair margins (0.3, 0.2, 0.1) -> slope (0.5 * 0.3 - 0.5 * 0.1) / 0.5 = 0.2; (0.5, 0.3, 0.1) -> 0.4.
+    Mean 0.3; sample std sqrt(0.02) = 0.1414, standard error 0.1414 / sqrt(2) = 0.1.
+    Harmless weights 0, 0.5, 1: margins (0, 0.1, 0.2) -> slope 0.2; (1, 1, 1) -> 0. Mean 0.1, standard error 0.1.
+    A single pair has no standard error."""
+    grid = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    margins = {
+        "helpful": torch.tensor([[0.3, 0.5], [0.2, 0.3], [0.1, 0.1]]),  # (points, pairs)
+        "harmless": torch.tensor([[0.0, 1.0], [0.1, 1.0], [0.2, 1.0]]),
+    }
+    slopes = steering_slopes(grid, margins, ["helpful", "harmless"])
+    assert slopes["helpful"] == pytest.approx({"slope": 0.3, "slope_stderr": 0.1, "num_pairs": 2})
+    assert slopes["harmless"] == pytest.approx({"slope": 0.1, "slope_stderr": 0.1, "num_pairs": 2})
+
+    single = steering_slopes(grid, {name: values[:, :1] for name, values in margins.items()}, ["helpful", "harmless"])
+    assert single["helpful"] == pytest.approx({"slope": 0.2, "slope_stderr": None, "num_pairs": 1})
+
+    with pytest.raises(ValueError, match=r"`preferences` must have shape \(points, 2\)"):
+        steering_slopes(grid[:, :1], margins, ["helpful", "harmless"])
+    with pytest.raises(ValueError, match=r"`pair_margins\['helpful'\]` must have shape \(3, pairs\)"):
+        steering_slopes(grid, {**margins, "helpful": margins["helpful"][:2]}, ["helpful", "harmless"])
+    with pytest.raises(ValueError, match="The weight of 'helpful' is the same at every grid point"):
+        steering_slopes(
+            torch.tensor([[0.5, 0.5], [0.5, 0.5]]), {n: v[:2] for n, v in margins.items()}, ["helpful", "harmless"]
+        )
 
 
 def test_implicit_reward_scores_single_pair_and_errors():

@@ -228,6 +228,14 @@ def _find_split_files(root: Path, split: str, suffixes: tuple[str, ...]) -> list
 
 def _read_json_records(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, record)` from a .jsonl, .jsonl.gz or .json (an array of objects) file."""
+    try:
+        yield from _decode_json_records(path)
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as error:
+        expected = "gzip-compressed UTF-8 text" if path.name.endswith(".gz") else "UTF-8 text"
+        raise ValueError(f"`{path}` must be {expected}, but could not be read as such: {error}.") from error
+
+
+def _decode_json_records(path: Path) -> Iterator[tuple[int, dict]]:
     if path.name.endswith(".json"):
         records = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(records, list):

@@ -32,7 +32,7 @@ from .data import demo_data_dir, label_conciseness, layout1_to_pairs, read_hh_rl
 from .models import load_model_and_tokenizer
 from .pareto import Front, compute_metrics, plot_fronts, write_front
 from .preference import simplex_grid, validate_preference
-from .scoring import PairScorer, evaluate_preference_grid
+from .scoring import PairScorer, evaluate_preference_grid, steering_slopes
 from .soups import RewardedSoup
 
 RUN_FILE = "run.json"
@@ -47,6 +47,11 @@ SCORE_DESCRIPTION = (
     "Mean implicit DPO reward margin beta * (log-ratio(chosen) - log-ratio(rejected)) on held-out pairs of each "
     "objective, the log-ratios taken against the base model; higher is better. The preference accuracy (share of "
     "pairs with a positive margin) is under `extra`."
+)
+STEERING_DESCRIPTION = (
+    "Per objective: the least-squares slope of each held-out pair's margin against the objective's own weight over "
+    "the grid, averaged over the pairs, with its standard error over the pairs (paired: every pair is scored at "
+    "every λ). A positive slope several standard errors from 0 means λ steers that objective."
 )
 
 
@@ -341,14 +346,23 @@ def evaluate_front(run_dir: Path, progress: bool = True, generate_prompts: int =
         max_prompt_length=settings.max_prompt_length,
         max_completion_length=settings.max_completion_length,
     )
-    score_fn = scorer
-    if generate_prompts > 0:
-        prompts = [row["prompt"] for row in next(iter(held_out.values())).select(range(generate_prompts))]
+    prompts = [row["prompt"] for row in next(iter(held_out.values())).select(range(generate_prompts))]
+    pair_margins: dict[str, list[torch.Tensor]] = {name: [] for name in settings.objectives}
 
-        def score_fn() -> dict[str, dict[str, float]]:
-            return {**scorer(), "generation": {"mean_reply_tokens": mean_reply_tokens(peft_model, tokenizer, prompts)}}
+    def score_fn() -> dict[str, dict[str, Any]]:
+        scores: dict[str, dict[str, Any]] = scorer()
+        for name in settings.objectives:
+            pair_margins[name].append(scorer.last_pair_margins[name])
+        if prompts:
+            scores["generation"] = {"mean_reply_tokens": mean_reply_tokens(peft_model, tokenizer, prompts)}
+        return scores
 
     points = evaluate_preference_grid(steerable, settings.grid, score_fn, settings.objectives, progress=progress)
+    steering = steering_slopes(
+        torch.tensor([list(point) for point in settings.grid]),
+        {name: torch.stack(margins) for name, margins in pair_margins.items()},
+        settings.objectives,
+    )
     front = Front(
         method=method,
         objectives=list(settings.objectives),
@@ -366,6 +380,7 @@ def evaluate_front(run_dir: Path, progress: bool = True, generate_prompts: int =
             "max_completion_length": settings.max_completion_length,
             "grid": [list(point) for point in settings.grid],
             "generated_prompts": generate_prompts,
+            "steering": steering,
             "seconds": round(time.time() - started, 1),
         },
     )
@@ -378,7 +393,13 @@ def evaluate_front(run_dir: Path, progress: bool = True, generate_prompts: int =
 
 
 def write_metrics(run_dir: Path, front: Front, reference_point: Sequence[float] | None = None) -> dict[str, Any]:
+    """Writes metrics.json: the front's metrics (`compute_metrics`) and, when measured, its steering slopes."""
     metrics = compute_metrics(front, reference_point=reference_point)
+    if "steering" in front.evaluation:
+        metrics["steering"] = {
+            "description": STEERING_DESCRIPTION,
+            "objectives": front.evaluation["steering"],
+        }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

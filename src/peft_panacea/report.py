@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .pareto import Front
-from .pipeline import RunSettings
+from .pipeline import STEERING_DESCRIPTION, RunSettings
 
 METHOD_TITLES = {"panacea": "Panacea", "soups": "Rewarded Soups", "rewarded_soups": "Rewarded Soups"}
 
@@ -57,6 +57,15 @@ def _monotone(front: Front, name: str) -> str:
     return f"{rho:+.2f}"
 
 
+def _slope_text(metrics: Mapping[str, Any], name: str) -> str:
+    slope = metrics.get("steering", {}).get("objectives", {}).get(name)
+    if slope is None:
+        return "n/a"
+    stderr = slope["slope_stderr"]
+    stderr_text = "n/a" if stderr is None else f"{stderr:.4f}"
+    return f"{slope['slope']:+.4f} ± {stderr_text}"
+
+
 def write_report(
     root: Path,
     settings: RunSettings,
@@ -102,19 +111,23 @@ def write_report(
         "",
         "| method | hypervolume | inner product | sparsity | spacing | knee λ | "
         + " | ".join(f"rank corr. of {name} with its weight" for name in names)
+        + " | "
+        + " | ".join(f"slope of {name} in its weight (± s.e.)" for name in names)
         + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(names),
+        "|---|---|---|---|---|---|" + "---|" * (2 * len(names)),
     ]
     for method, front in fronts.items():
         values = metrics[method]
         knee = values["knee_point"]["preference"]
         knee_text = ", ".join(f"{knee[name]:.1f}" for name in names)
         rho = " | ".join(_monotone(front, name) for name in names)
+        slopes = " | ".join(_slope_text(values, name) for name in names)
         lines.append(
             f"| {METHOD_TITLES.get(method, method)} | {values['hypervolume']['value']:.4g} | "
             f"{values['inner_product']:.4g} | {values['sparsity']:.4g} | {values['spacing']:.4g} | ({knee_text}) | "
-            f"{rho} |"
+            f"{rho} | {slopes} |"
         )
+    lines += ["", "Slope: " + STEERING_DESCRIPTION]
 
     lines += [
         "",

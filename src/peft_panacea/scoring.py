@@ -70,7 +70,8 @@ def evaluate_preference_grid(
         )
 
     points = []
-    bar = tqdm(grid, desc="preference grid", unit="λ", disable=not progress)
+    # With `progress`, tqdm's own settings apply (for instance `TQDM_DISABLE=1` in the environment).
+    bar = tqdm(grid, desc="preference grid", unit="λ", **({} if progress else {"disable": True}))
     for weights in bar:
         weights = [float(w) for w in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
         if len(weights) != len(names):
@@ -168,6 +169,56 @@ def _standard_error(values: torch.Tensor) -> float:
     if values.numel() < 2:
         return math.nan
     return (values.std(correction=1) / math.sqrt(values.numel())).item()
+
+
+def steering_slopes(
+    preferences: torch.Tensor, pair_margins: Mapping[str, torch.Tensor], names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """How strongly each objective's held-out margin follows its own weight, with a paired standard error.
+
+    For objective `i` and each of its held-out pairs, the least-squares slope of that pair's margin against
+    `lambda_i` over the grid; the result is the mean slope over the pairs and its standard error. Every pair is scored
+    at every λ, so the spread between pairs (their different difficulty) cancels out: the standard error measures
+    only how consistently the pairs move with the weight. A positive slope several standard errors from zero means
+    that λ steers that objective.
+
+    Args:
+        preferences: The grid, `(points, m)`, in `names` order.
+        pair_margins: `{objective: (points, pairs)}`, the margin of every held-out pair at every grid point.
+        names: The objective names, `m` of them.
+
+    Returns:
+        `{objective: {"slope", "slope_stderr", "num_pairs"}}`; the standard error is None for a single pair.
+
+    Raises:
+        ValueError: If the shapes disagree, or an objective's weight does not vary over the grid.
+    """
+    preferences = torch.as_tensor(preferences, dtype=torch.float64)
+    if preferences.dim() != 2 or preferences.shape[1] != len(names):
+        raise ValueError(
+            f"`preferences` must have shape (points, {len(names)}), one column per objective of {list(names)}, "
+            f"but has shape {tuple(preferences.shape)}."
+        )
+    result = {}
+    for i, name in enumerate(names):
+        margins = torch.as_tensor(pair_margins[name], dtype=torch.float64)  # (points, pairs)
+        if margins.dim() != 2 or margins.shape[0] != preferences.shape[0]:
+            raise ValueError(
+                f"`pair_margins[{name!r}]` must have shape ({preferences.shape[0]}, pairs), one row per grid point, "
+                f"but has shape {tuple(margins.shape)}."
+            )
+        weights = preferences[:, i] - preferences[:, i].mean()  # (points,)
+        spread = (weights**2).sum()
+        if spread == 0:
+            raise ValueError(f"The weight of {name!r} is the same at every grid point; its slope is undefined.")
+        slopes = (weights.unsqueeze(1) * (margins - margins.mean(dim=0))).sum(dim=0) / spread  # (pairs,)
+        stderr = _standard_error(slopes)
+        result[name] = {
+            "slope": slopes.mean().item(),
+            "slope_stderr": None if math.isnan(stderr) else stderr,
+            "num_pairs": slopes.numel(),
+        }
+    return result
 
 
 @torch.no_grad()
@@ -352,7 +403,8 @@ class PairScorer:
 
     Call it inside `with model.preference(λ):` (or use it as `score_fn` of `evaluate_preference_grid`): it returns
     `{objective: implicit_reward_scores(...)}`. The reference log-probabilities come from the same model with its
-    adapters disabled, computed once.
+    adapters disabled, computed once. After each call, `last_pair_margins` holds `{objective: (pairs,)}`, the margin
+    of every pair (for `steering_slopes`).
 
     Args:
         model: A PEFT model (Panacea, or LoRA for Rewarded Soups) around a causal language model.
@@ -381,6 +433,7 @@ class PairScorer:
         self.model = model
         self.beta = beta
         self.stack = find_decoder_stack(model)
+        self.last_pair_margins: dict[str, torch.Tensor] = {}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
         self.batches: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -451,8 +504,11 @@ class PairScorer:
     def __call__(self) -> dict[str, dict[str, float]]:
         """`{objective: {"accuracy", "accuracy_stderr", "margin", "margin_stderr", "num_pairs"}}` right now."""
         scores = {}
+        self.last_pair_margins = {}
         for name in self.batches:
             policy = self._logps(name)  # (2, pairs)
             reference = self.reference[name]  # (2, pairs)
             scores[name] = implicit_reward_scores(policy[0], policy[1], reference[0], reference[1], self.beta)
+            logratios = (policy.double() - reference.double()).cpu()  # (2, pairs)
+            self.last_pair_margins[name] = self.beta * (logratios[0] - logratios[1])  # (pairs,)
         return scores
