@@ -14,6 +14,7 @@ from tiny_models import tiny_llama, tiny_tokenizer
 
 from peft_panacea.cli import _parse_preference, main
 from peft_panacea.pareto import read_front
+from peft_panacea.trainers import MultiObjectiveDPOTrainer
 
 TINY_BUDGET = ["--steps", "2", "--pairs-per-objective", "1", "--eval-pairs", "3", "--save-steps", "1"]
 TINY_SEQUENCES = ["--max-prompt-length", "24", "--max-completion-length", "16", "--top-layers", "2"]
@@ -92,6 +93,7 @@ def test_front_rescores_a_run(demo_dir: Path) -> None:
     lengths = [p.extra["generation"]["mean_reply_tokens"] for p in front.points]
     assert all(0 <= length <= 64 for length in lengths)
     assert front.evaluation["generated_prompts"] == 2
+    assert json.loads((demo_dir / "panacea" / "run.json").read_text())["settings"]["grid_step"] is None
 
 
 def test_model_card_names_objectives_and_front(demo_dir: Path) -> None:
@@ -123,9 +125,10 @@ def test_chat_on_soups_run(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_dpo_resumes_from_its_checkpoint(
-    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stopped after 2 of 3 steps and restarted, a run ends where an uninterrupted run ends."""
+    """Interrupted during step 3 of 3 (after its second checkpoint) and restarted with the same command, a run ends
+    where an uninterrupted run ends."""
     common = [
         "dpo",
         "--model",
@@ -136,7 +139,18 @@ def test_dpo_resumes_from_its_checkpoint(
         "--save-steps",
         "1",
     ]
-    main([*common, "--output-dir", str(tmp_path / "a"), "--steps", "2"])
+    step = MultiObjectiveDPOTrainer.training_step
+
+    def interrupted_step(trainer, *args, **kwargs):
+        if trainer.state.global_step == 2:
+            raise KeyboardInterrupt
+        return step(trainer, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MultiObjectiveDPOTrainer, "training_step", interrupted_step)
+        with pytest.raises(KeyboardInterrupt):
+            main([*common, "--output-dir", str(tmp_path / "a"), "--steps", "3"])
+    assert not (tmp_path / "a" / "adapter").exists()
     capsys.readouterr()
     main([*common, "--output-dir", str(tmp_path / "a"), "--steps", "3"])
     restart_output = capsys.readouterr().out
@@ -155,6 +169,35 @@ def test_dpo_resumes_from_its_checkpoint(
         torch.testing.assert_close(adapter_a[key], adapter_b[key])
 
 
+def test_a_run_folder_holds_one_run(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A finished run is not trained again; other settings or another method in its folder are refused."""
+    run = tmp_path / "run"
+    common = ["--model", str(tiny_model_dir), *TINY_SEQUENCES, "--steps", "1", "--pairs-per-objective", "1"]
+    main(["dpo", *common, "--output-dir", str(run)])
+    adapter = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    record = (run / "run.json").read_text()
+
+    with pytest.warns(UserWarning, match="finished panacea run with these settings; it is not trained again"):
+        main(["dpo", *common, "--output-dir", str(run)])
+    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert (run / "run.json").read_text() == record
+
+    capsys.readouterr()
+    output = ["--output-dir", str(run)]
+    for arguments, message in (
+        (
+            ["dpo", *common, *output, "--learning-rate", "0.01"],
+            "a run with other settings (learning_rate: 0.002 there, 0.01 now)",
+        ),
+        (["soups", *common, *output, "--no-progress"], "already holds a panacea run"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(arguments)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert (run / "run.json").read_text() == record
+
+
 def test_yaml_config_is_accepted(tiny_model_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
@@ -171,6 +214,7 @@ def test_yaml_config_is_accepted(tiny_model_dir: Path, tmp_path: Path) -> None:
     [
         (["nonsense"], "unknown subcommand 'nonsense'"),
         (["dpo", "--objectives", "helpful,funny", "--output-dir", "x"], "objectives"),
+        (["dpo", "--objectives", "helpful", "--output-dir", "x"], "at least two distinct names"),
         (["front", "/nonexistent/run"], "not a run folder"),
         (["dpo", "--steps", "0"], "`steps` must be at least 1"),
         (["dpo", "--data-dir", "a", "--dataset", "b"], "not both"),

@@ -123,7 +123,11 @@ class OutputArguments:
 @dataclass
 class FrontArguments:
     grid_step: float | None = field(
-        default=None, metadata={"help": "λ grid step (default 0.1 for two objectives, 0.2 for three)."}
+        default=None,
+        metadata={
+            "help": "λ grid step (default 0.1 for two objectives, 0.2 for three; for `front`, the run's). With "
+            "`front` it applies to that evaluation only."
+        },
     )
     generate_prompts: int = field(
         default=0,
@@ -220,20 +224,13 @@ def run_front(argv: list[str]) -> None:
     parser.add_argument("run_dir", help="The --output-dir of a `panacea dpo` or `panacea soups` run.")
     front_args, rest = parser.parse_args_and_config(argv)
     run_dir = Path(rest.run_dir)
-    if front_args.grid_step is not None:
-        _override_grid(run_dir, front_args.grid_step)
-    front = evaluate_front(run_dir, progress=not front_args.no_progress, generate_prompts=front_args.generate_prompts)
+    front = evaluate_front(
+        run_dir,
+        progress=not front_args.no_progress,
+        generate_prompts=front_args.generate_prompts,
+        grid_step=front_args.grid_step,
+    )
     _print_front(front)
-
-
-def _override_grid(run_dir: Path, grid_step: float) -> None:
-    from .pipeline import load_run, save_run
-
-    method, settings, record = load_run(run_dir)
-    settings.grid_step = grid_step
-    settings.__post_init__()  # validates the step before anything is written
-    extra = {key: value for key, value in record.items() if key not in ("method", "settings")}
-    save_run(run_dir, method, settings, **extra)
 
 
 def run_chat(argv: list[str]) -> None:
@@ -277,9 +274,8 @@ def run_demo(argv: list[str]) -> None:
     fronts = {}
     for method, train in (("panacea", train_panacea), ("soups", train_soups)):
         run_dir = root / method
-        t0 = time.time()
-        train(settings, run_dir)
-        timings[f"{method} training"] = time.time() - t0
+        result = train(settings, run_dir)
+        timings[f"{method} training" + (" (earlier run)" if result.get("skipped") else "")] = result["train_seconds"]
         t0 = time.time()
         fronts[method] = evaluate_front(run_dir, progress=progress, generate_prompts=front_args.generate_prompts)
         timings[f"{method} front"] = time.time() - t0

@@ -17,8 +17,9 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,10 @@ class RunSettings:
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.objectives if name not in KNOWN_OBJECTIVES]
-        if unknown or not self.objectives or len(set(self.objectives)) != len(self.objectives):
+        if unknown or len(self.objectives) < 2 or len(set(self.objectives)) != len(self.objectives):
             raise ValueError(
-                f"`objectives` must be distinct names among {list(KNOWN_OBJECTIVES)}, but got {self.objectives}."
+                f"`objectives` must be at least two distinct names among {list(KNOWN_OBJECTIVES)} (a front needs "
+                f"two), but got {self.objectives}."
             )
         if self.data_dir is not None and self.dataset is not None:
             raise ValueError("Give `--data-dir` (a local folder) or `--dataset` (a Hub id), not both.")
@@ -136,8 +138,49 @@ def load_run(run_dir: str | os.PathLike) -> tuple[str, RunSettings, dict[str, An
             f"`{run_dir}` is not a run folder: it has no {RUN_FILE}. Pass the `--output-dir` of a `panacea dpo` or "
             "`panacea soups` run."
         )
-    record = json.loads(path.read_text())
-    return record["method"], RunSettings(**record["settings"]), record
+    try:
+        record = json.loads(path.read_text())
+        return record["method"], RunSettings(**record["settings"]), record
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"`{path}` is not a valid run record ({type(error).__name__}: {error}). It is written by `panacea dpo` "
+            "and `panacea soups`; train again into a new `--output-dir`."
+        ) from error
+
+
+def start_run(run_dir: Path, method: str, settings: RunSettings) -> dict[str, Any] | None:
+    """Claims `run_dir` for a training run; returns the finished run's record when there is nothing left to train.
+
+    A new folder gets `run.json` with the settings before training starts. A folder holding the same method with the
+    same training settings is resumed from its last checkpoint, or left alone when finished. Anything else is
+    refused, so that a run folder always holds one run (the grid step is not a training setting and may differ).
+
+    Raises:
+        ValueError: If `run_dir` holds a run of another method or with other training settings.
+    """
+    if (run_dir / RUN_FILE).is_file():
+        previous_method, previous, record = load_run(run_dir)
+        changed = {
+            name: (value, getattr(settings, name))
+            for name, value in asdict(previous).items()
+            if name != "grid_step" and value != getattr(settings, name)
+        }
+        if previous_method != method or changed:
+            what = f"a {previous_method} run" if previous_method != method else "a run with other settings"
+            details = "; ".join(f"{name}: {old!r} there, {new!r} now" for name, (old, new) in changed.items())
+            raise ValueError(
+                f"`{run_dir}` already holds {what}{f' ({details})' if details else ''}. Pass a new `--output-dir`, "
+                "or delete the folder to start again."
+            )
+        if "train_seconds" in record:
+            warnings.warn(
+                f"`{run_dir}` holds a finished {method} run with these settings; it is not trained again.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return record
+    save_run(run_dir, method, settings)
+    return None
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
@@ -230,6 +273,9 @@ def train_panacea(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
     """Trains a Panacea adapter with multi-objective DPO and saves it to `RUN/adapter`; resumes a checkpoint."""
     from .trainers import MultiObjectiveDPOConfig, MultiObjectiveDPOTrainer
 
+    finished = start_run(run_dir, "panacea", settings)
+    if finished is not None:
+        return {"train_seconds": finished["train_seconds"], "skipped": True}
     started = time.time()
     model, tokenizer = load_model_and_tokenizer(settings.model)
     train, _ = load_pairs(settings)
@@ -269,6 +315,9 @@ def train_soups(settings: RunSettings, run_dir: Path) -> dict[str, Any]:
 
     from .trainers.dpo import SharedLayersDPOTrainer, truncate_tokenized
 
+    finished = start_run(run_dir, "rewarded_soups", settings)
+    if finished is not None:
+        return {"train_seconds": finished["train_seconds"], "skipped": True}
     started = time.time()
     train, _ = load_pairs(settings)
     steps = max(1, settings.steps // len(settings.objectives))
@@ -329,14 +378,22 @@ def load_steerable(run_dir: Path) -> tuple[str, RunSettings, Any, PeftModel, Pre
 # --- fronts -------------------------------------------------------------------------------------------------------
 
 
-def evaluate_front(run_dir: Path, progress: bool = True, generate_prompts: int = 0) -> Front:
+def evaluate_front(
+    run_dir: Path, progress: bool = True, generate_prompts: int = 0, grid_step: float | None = None
+) -> Front:
     """Scores a trained run at every λ of the grid on held-out pairs; writes front.json, metrics.json, front.png.
 
     With `generate_prompts > 0`, also answers that many held-out prompts greedily at every λ and records the mean
     reply length in tokens under `extra["generation"]["mean_reply_tokens"]` (the measure of conciseness).
+    `grid_step` replaces the run's grid step for this evaluation only (`run.json` is left as it is).
     """
     started = time.time()
+    if grid_step is not None:
+        _, settings, _ = load_run(run_dir)
+        replace(settings, grid_step=grid_step)  # a bad step fails here, before the model is loaded
     method, settings, steerable, peft_model, tokenizer = load_steerable(run_dir)
+    if grid_step is not None:
+        settings = replace(settings, grid_step=grid_step)
     _, held_out = load_pairs(settings)
     scorer = PairScorer(
         peft_model,
