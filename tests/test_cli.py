@@ -232,6 +232,15 @@ def test_parse_preference() -> None:
     assert _parse_preference("helpful=0.8,harmless=0.2", ["helpful", "harmless"]) == {"helpful": 0.8, "harmless": 0.2}
     with pytest.raises(ValueError, match="must look like helpful=0.5,harmless=0.5"):
         _parse_preference("helpful:0.8", ["helpful", "harmless"])
+    with pytest.raises(ValueError, match="names 'helpful' twice"):
+        _parse_preference("helpful=0.5,helpful=0.5", ["helpful", "harmless"])
+
+
+def test_front_on_a_demo_folder_names_its_runs(demo_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["front", str(demo_dir)])
+    error = capsys.readouterr().err
+    assert "not a run folder" in error and str(demo_dir / "panacea") in error and str(demo_dir / "soups") in error
 
 
 def test_help_lists_every_option() -> None:

@@ -187,6 +187,8 @@ def _parse_preference(text: str, objectives: Sequence[str]) -> dict[str, float]:
     weights = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
+        if name.strip() in weights:
+            raise ValueError(f"`--preference` names {name.strip()!r} twice in {text!r}; give each objective once.")
         try:
             weights[name.strip()] = float(value)
         except ValueError:

@@ -134,9 +134,11 @@ def load_run(run_dir: str | os.PathLike) -> tuple[str, RunSettings, dict[str, An
     """
     path = Path(run_dir) / RUN_FILE
     if not path.is_file():
+        inside = sorted(str(child.parent) for child in Path(run_dir).glob(f"*/{RUN_FILE}"))
+        hint = f" It holds the run folders {inside} (a `panacea demo` folder)." if inside else ""
         raise FileNotFoundError(
             f"`{run_dir}` is not a run folder: it has no {RUN_FILE}. Pass the `--output-dir` of a `panacea dpo` or "
-            "`panacea soups` run."
+            f"`panacea soups` run.{hint}"
         )
     try:
         record = json.loads(path.read_text())
