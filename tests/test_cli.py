@@ -228,6 +228,16 @@ def test_bad_input_is_a_clear_error(arguments: list[str], message: str, capsys: 
     assert message in capsys.readouterr().err
 
 
+def test_malformed_yaml_config_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("steps: [1, 2\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dpo", "--config", str(config), "--output-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "the --config file is not valid YAML" in error and "bad.yaml" in error
+
+
 def test_parse_preference() -> None:
     assert _parse_preference("helpful=0.8,harmless=0.2", ["helpful", "harmless"]) == {"helpful": 0.8, "harmless": 0.2}
     with pytest.raises(ValueError, match="must look like helpful=0.5,harmless=0.5"):

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+import yaml
 from trl import TrlParser
 
 from .pareto import Front, default_reference_point, plot_fronts
@@ -348,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2)
     try:
         {"dpo": run_dpo, "soups": run_soups, "front": run_front, "chat": run_chat, "demo": run_demo}[command](rest)
+    except yaml.YAMLError as error:
+        print(f"panacea {command}: error: the --config file is not valid YAML: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
         print(f"panacea {command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
