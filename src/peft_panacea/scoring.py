@@ -151,10 +151,12 @@ def implicit_reward_scores(
     if not 0 < beta < math.inf:
         raise ValueError(f"`beta` must be positive and finite, but got {beta}.")
 
-    chosen, rejected, ref_chosen, ref_rejected = (value.detach().double().cpu() for value in inputs.values())
-    margins = beta * (chosen - ref_chosen) - beta * (rejected - ref_rejected)  # (n,)
-    wins = (margins > 0).double() + 0.5 * (margins == 0).double()  # (n,)
+    return scores_from_margins(pair_margins(*inputs.values(), beta))
 
+
+def scores_from_margins(margins: torch.Tensor) -> dict[str, float]:
+    """`implicit_reward_scores` from the pairs' margins `(n,)`, float64."""
+    wins = (margins > 0).double() + 0.5 * (margins == 0).double()  # (n,)
     num_pairs = margins.numel()
     return {
         "accuracy": wins.mean().item(),
@@ -163,6 +165,21 @@ def implicit_reward_scores(
         "margin_stderr": _standard_error(margins),
         "num_pairs": num_pairs,
     }
+
+
+def pair_margins(
+    policy_logps_chosen: torch.Tensor,
+    policy_logps_rejected: torch.Tensor,
+    ref_logps_chosen: torch.Tensor,
+    ref_logps_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Each pair's implicit reward margin `r(chosen) - r(rejected)`, float64 on the CPU, shape of the inputs."""
+    chosen, rejected, ref_chosen, ref_rejected = (
+        value.detach().double().cpu()
+        for value in (policy_logps_chosen, policy_logps_rejected, ref_logps_chosen, ref_logps_rejected)
+    )
+    return beta * (chosen - ref_chosen) - beta * (rejected - ref_rejected)
 
 
 def _standard_error(values: torch.Tensor) -> float:
@@ -508,7 +525,7 @@ class PairScorer:
         for name in self.batches:
             policy = self._logps(name)  # (2, pairs)
             reference = self.reference[name]  # (2, pairs)
-            scores[name] = implicit_reward_scores(policy[0], policy[1], reference[0], reference[1], self.beta)
-            logratios = (policy.double() - reference.double()).cpu()  # (2, pairs)
-            self.last_pair_margins[name] = self.beta * (logratios[0] - logratios[1])  # (pairs,)
+            margins = pair_margins(policy[0], policy[1], reference[0], reference[1], self.beta)  # (pairs,)
+            scores[name] = scores_from_margins(margins)
+            self.last_pair_margins[name] = margins
         return scores
